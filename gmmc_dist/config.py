@@ -132,6 +132,8 @@ class TrainConfig:
     """Cap on optimiser steps per epoch (0: a full pass). For tests and smoke runs."""
     gamma_samples: int = 0
     """Training images used to estimate gamma^2 after training (0: the whole split)."""
+    eval_every_epochs: int = 0
+    """Test accuracy every this many epochs, for accuracy curves (0: only after training)."""
     eval_batch_size: int = 256
 
 
@@ -394,6 +396,7 @@ def _validate(config: Config) -> None:
     _check_positive("train.checkpoint_every_epochs", t.checkpoint_every_epochs)
     _check_positive("train.max_steps_per_epoch", t.max_steps_per_epoch, allow_zero=True)
     _check_positive("train.gamma_samples", t.gamma_samples, allow_zero=True)
+    _check_positive("train.eval_every_epochs", t.eval_every_epochs, allow_zero=True)
     _check_positive("train.eval_batch_size", t.eval_batch_size)
 
     if not r.output:

@@ -10,6 +10,12 @@ Semantics (Algorithm 1 of the GMMC paper, with this project's choices made expli
   the requested label) and whose age is 0.
 - `write_back(draw, states)` stores the refined states in the drawn slots, with the draw's labels,
   and sets each slot's age to the drawn age + 1.
+
+Concurrency (shared buffer only, `shared.SharedReplayBuffer`): several workers draw from and write
+back to the same slots without locks. A worker always sees its own earlier write-backs. When two
+workers draw the same slot before either writes back, both refine the same state and the write-back
+that reaches the shard last wins; the slot's age becomes drawn age + 1. The local buffer has one
+writer, so the question does not arise there.
 """
 
 from __future__ import annotations
