@@ -118,9 +118,9 @@ def write_bytes_atomic(
     """Write `data` so that readers see either the old file or the complete new one.
 
     Local files go to a temporary name in the same directory, are flushed to disk and then renamed
-    over the final name. Other filesystems get one `pipe_file` call; on object stores (S3) the
-    object becomes visible only when the upload completes, whether it is a single PUT or, above
-    s3fs's multipart threshold, a completed multipart upload.
+    over the final name. Other filesystems get one `pipe_file` call. On S3 the object becomes
+    visible only when the upload completes: a single PUT, or a completed multipart upload for
+    data above s3fs's multipart threshold.
     """
     fs, path = resolve(url, storage_options)
     if isinstance(fs, LocalFileSystem):
@@ -149,17 +149,17 @@ def ensure_writable(url: str | os.PathLike, storage_options: Mapping[str, Any] |
     Writes and deletes a small probe file, so failures show up before expensive work starts.
     Raises NotADirectoryError, FileNotFoundError or PermissionError naming the location and the fix.
     """
-    shown = redact(os.fspath(url))
+    safe_url = redact(os.fspath(url))
     fs, path = resolve(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        _check_local_directory(Path(path), shown)
+        _check_local_directory(Path(path), safe_url)
     elif protocol_of(os.fspath(url)) in S3_PROTOCOLS:
         bucket = path.split("/", 1)[0]
         if not bucket:
-            raise ValueError(f"invalid S3 location {shown}: expected s3://bucket/prefix")
+            raise ValueError(f"invalid S3 location {safe_url}: expected s3://bucket/prefix")
         if not fs.exists(bucket):
             raise FileNotFoundError(
-                f"S3 bucket {bucket!r} for output {shown} was not found: create the bucket or check "
+                f"S3 bucket {bucket!r} for output {safe_url} was not found: create the bucket or check "
                 f"the endpoint ({ENDPOINT_ENV_VAR}, AWS_ENDPOINT_URL or storage_options['endpoint_url'])"
             )
     probe = f"{path.rstrip('/')}/.write-probe-{uuid.uuid4().hex}"
@@ -168,21 +168,21 @@ def ensure_writable(url: str | os.PathLike, storage_options: Mapping[str, Any] |
         fs.rm_file(probe)
     except (PermissionError, OSError) as error:
         raise PermissionError(
-            f"cannot write to output location {shown}: {error}. "
+            f"cannot write to output location {safe_url}: {error}. "
             "Choose a location you can write to or fix its permissions or credentials."
         ) from error
 
 
-def _check_local_directory(path: Path, shown: str) -> None:
+def _check_local_directory(path: Path, safe_url: str) -> None:
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(
-            f"output location {shown} is an existing file, not a directory: remove it or choose another location"
+            f"output location {safe_url} is an existing file, not a directory: remove it or choose another location"
         )
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise NotADirectoryError(
-                    f"cannot create output directory {shown}: {parent} is a file, not a directory. "
+                    f"cannot create output directory {safe_url}: {parent} is a file, not a directory. "
                     "Choose another location or remove that file."
                 )
             break
@@ -190,7 +190,7 @@ def _check_local_directory(path: Path, shown: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PermissionError(
-            f"cannot create output directory {shown}: {error}. Choose a location you can write to."
+            f"cannot create output directory {safe_url}: {error}. Choose a location you can write to."
         ) from error
 
 

@@ -88,7 +88,7 @@ def cifar10_subset(data_root, tmp_path_factory) -> Path:
             target = root / split / name
             target.mkdir(parents=True)
             for file in sorted((data_root / "cifar10" / split / name).iterdir())[:per_class]:
-                (target / file.name).symlink_to(file)
+                (target / file.name).symlink_to(file.resolve())
     return root
 
 

@@ -129,9 +129,9 @@ def test_augment_flip_mirrors_or_keeps(cifar10_subset):
     images = np.stack([image for image, _ in list(open_source(cifar10_subset).iter("test"))[:32]])
     batch = augment(images, np.random.default_rng(1), pad=0, flip=True, noise_std=0.0)
     pixels = torch.round((batch + 1) * 127.5).to(torch.uint8).numpy().transpose(0, 2, 3, 1)
-    kept = [np.array_equal(pixels[i], images[i]) for i in range(32)]
+    unchanged = [np.array_equal(pixels[i], images[i]) for i in range(32)]
     mirrored = [np.array_equal(pixels[i], images[i, :, ::-1]) for i in range(32)]
-    assert all(k or m for k, m in zip(kept, mirrored))
+    assert all(same or flipped for same, flipped in zip(unchanged, mirrored))
     assert 0 < sum(mirrored) < 32
 
 

@@ -46,9 +46,10 @@ import json
 import logging
 import time
 import uuid
+import warnings
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -163,7 +164,10 @@ class BufferShard:
         self._init_fresh()
 
         # Ray re-runs __init__ when it restarts the actor (max_restarts): reload the latest snapshot.
-        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray 2.60 warns about a deprecated call inside this property, not about the property.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
         self.restarted = bool(restarted)
         if snapshot_root and (load_latest or restarted):
             reference = read_latest_reference(snapshot_root, storage_options)
@@ -203,7 +207,8 @@ class BufferShard:
         """Draw `batch_size` slots uniformly (within the requested labels' classes if given).
 
         Returns global `slots`, `states` (storage dtype; rows of reinitialised chains still hold the
-        old state, the caller replaces them), `labels`, `ages`, `chain_ids`, `versions`, `fresh`.
+        old state, the caller replaces them), `labels` (the requested ones in a class-conditional
+        draw), `ages`, `chain_ids`, `versions`, `fresh`.
         """
         if labels is not None:
             labels = np.asarray(labels, dtype=np.int64)
@@ -216,6 +221,9 @@ class BufferShard:
             "chain_ids": self.chain_ids[local],
             "versions": self.versions[local],
         }
+        if labels is not None:
+            # The requested label, which equals the stored one unless unconditional draws relabelled the slot.
+            drawn["labels"] = labels.copy()
         fresh = self.rng.random(batch_size) < self.reinit_prob
         count = int(fresh.sum())
         if count:
@@ -223,8 +231,6 @@ class BufferShard:
             drawn["chain_ids"][fresh] = self._allocate_chain_ids(count)
             if labels is None:
                 drawn["labels"][fresh] = self.rng.integers(self.num_classes, size=count)
-            else:
-                drawn["labels"][fresh] = labels[fresh]
         drawn["fresh"] = fresh
         self.counters["draws"] += batch_size
         self.counters["reinitialised"] += count
@@ -397,6 +403,9 @@ class SharedBufferHandles:
     keep_snapshots: int = 2
     """Step folders kept under snapshot_root; older ones are deleted after each snapshot (0: keep all)."""
     storage_options: dict | None = None
+    shard_actors: tuple = field(default=(), repr=False, compare=False)
+    """The actor handles. Ray destroys an actor that is not detached once no handle to it remains,
+    even if it has a name, so the driver keeps the shards alive by holding this object."""
 
     @property
     def num_shards(self) -> int:
@@ -407,7 +416,9 @@ class SharedBufferHandles:
         return self.capacity // self.num_shards
 
     def actors(self) -> list:
-        """Look up the shard actors by name (one GCS request per shard)."""
+        """Return the shard actors: the handles carried along, else a lookup by name."""
+        if self.shard_actors:
+            return list(self.shard_actors)
         return [ray.get_actor(name, namespace=self.namespace) for name in self.actor_names]
 
 
@@ -484,6 +495,7 @@ def create_shared_buffer(
         snapshot_root=snapshot_root,
         keep_snapshots=keep_snapshots,
         storage_options=storage_options,
+        shard_actors=tuple(actors),
     )
 
 
@@ -500,11 +512,7 @@ def snapshot_shared_buffer(handles: SharedBufferHandles, step: int, url: str | N
 
 def delete_shared_buffer(handles: SharedBufferHandles) -> None:
     """Kill the shard actors (without restart). Snapshots stay where they are."""
-    for name in handles.actor_names:
-        try:
-            actor = ray.get_actor(name, namespace=handles.namespace)
-        except ValueError:
-            continue  # already gone
+    for actor in handles.actors():
         ray.kill(actor, no_restart=True)
 
 

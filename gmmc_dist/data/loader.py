@@ -1,8 +1,8 @@
 """Stream shards written by `gmmc_dist.data.shards` into PyTorch batches for DDP training and evaluation.
 
 Shard URLs are local paths or `s3://` URLs. Importing this module registers an `s3` handler in
-`webdataset.gopen_schemes`; it opens each shard with s3fs inside the process that reads it (each
-DataLoader worker gets its own client) and retries transient read errors.
+`webdataset.gopen_schemes`. The handler opens each shard with s3fs inside the process that reads it,
+so each DataLoader worker gets its own client, and it retries transient read errors.
 
 Batches are `(images, labels)` with images `float32 [B, 3, 32, 32]` scaled to [-1, 1] and labels
 `int64 [B]` (`-1` for unlabeled sets).
@@ -54,9 +54,9 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 def open_s3_shard(url: str, mode: str = "rb", bufsize: int = 8192, storage_options: Mapping[str, Any] | None = None):
     """Read a whole shard from S3 into memory and return it as a binary stream.
 
-    Registered as `webdataset.gopen_schemes["s3"]`. Missing objects and denied access raise at once;
-    other OS, connection and botocore errors are retried up to `READ_ATTEMPTS` times with
-    exponential backoff, each retry logged.
+    Registered as `webdataset.gopen_schemes["s3"]`. Missing objects and denied access raise at once.
+    Other OS, connection and botocore errors are retried up to `READ_ATTEMPTS` times with
+    exponential backoff, and each retry is logged.
     """
     if mode != "rb":
         raise ValueError(f"shard {storage.redact(url)} can only be opened for reading ('rb'), not {mode!r}")
@@ -163,8 +163,8 @@ class TrainStream(IterableDataset):
     owns positions `s, s + slots, s + 2 * slots, ...` of it. A slot whose own sub-shards hold fewer
     samples than its quota of batches needs tops up from the following positions, wrapping around,
     by exactly the missing number of samples. So every rank yields exactly `steps` full batches even
-    when the shard count does not divide by the slots; in one epoch the top-up samples are seen
-    twice and the samples left over in other slots not at all.
+    when the shard count does not divide by the slots. The cost: in one epoch the top-up samples
+    are seen twice, and the samples left over in other slots are not seen.
     """
 
     def __init__(self, shard_urls: Sequence[str], shard_counts: Sequence[int], steps: int, batch_size: int,
@@ -231,12 +231,12 @@ class TrainStream(IterableDataset):
     def _read(self, sub_shards: Iterable[tuple[int, int, int]]) -> Iterator[tuple[np.ndarray, int]]:
         empty_in_a_row = 0
         for shard, part, parts in sub_shards:
-            kept = 0
+            yielded = 0
             for position, sample in enumerate(iter_shard(self.shard_urls[shard], self.storage_options)):
                 if position % parts == part:
-                    kept += 1
+                    yielded += 1
                     yield decode_sample(sample)
-            empty_in_a_row = 0 if kept else empty_in_a_row + 1
+            empty_in_a_row = 0 if yielded else empty_in_a_row + 1
             if empty_in_a_row > len(self.shard_urls) * parts:
                 raise RuntimeError(f"training shards such as {self.shard_urls[0]} yielded no samples in a full pass")
 

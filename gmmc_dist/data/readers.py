@@ -12,7 +12,7 @@ labels as Python ints (`-1` for unlabeled sets). Formats:
 - `folder`: a flat folder of unlabeled images of any size, center-cropped to a square and resized
   to 32x32 (for out-of-distribution sets such as CelebA).
 
-The official CIFAR files are Python pickles, and unpickling runs code chosen by whoever wrote the
+The official CIFAR files are Python pickles, and unpickling can run arbitrary code stored in the
 file. These readers unpickle only files that the user points them at (their own local copy of the
 official archive); never point them at files from an untrusted source.
 """
@@ -295,16 +295,16 @@ class _PickleFiles:
         return {name: self._unpickle(name, data) for name, data in contents.items()}
 
     def _read_archive_members(self, names: Sequence[str]) -> dict[str, bytes]:
-        wanted = set(names)
+        requested = set(names)
         found: dict[str, bytes] = {}
         with tarfile.open(self.path, "r:*") as archive:
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
-                if member.isfile() and base in wanted and base not in found:
+                if member.isfile() and base in requested and base not in found:
                     found[base] = archive.extractfile(member).read()
-                    if len(found) == len(wanted):
+                    if len(found) == len(requested):
                         break
-        missing = sorted(wanted - set(found))
+        missing = sorted(requested - set(found))
         if missing:
             raise FileNotFoundError(
                 f"archive {self.path} has no member(s) {missing}: expected the official archive with "

@@ -172,7 +172,7 @@ def write_shards(
     """
     splits = list(source.splits if splits is None else splits)
     _check_arguments(source, dataset, splits, shard_size)
-    shown_url = storage.redact(output_url)
+    safe_url = storage.redact(output_url)
     storage.ensure_writable(output_url, storage_options)
     previous = _previous_manifest(output_url, storage_options)
 
@@ -190,7 +190,7 @@ def write_shards(
         extra={"source_format": source.format_name, "shuffle_seed": shuffle_seed},
     )
     storage.write_bytes_atomic(storage.join(output_url, MANIFEST_NAME), manifest.to_json().encode("utf-8"), storage_options)
-    logger.info("wrote %s under %s", MANIFEST_NAME, shown_url)
+    logger.info("wrote %s under %s", MANIFEST_NAME, safe_url)
     return manifest
 
 
