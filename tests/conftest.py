@@ -21,8 +21,13 @@ def data_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance shared by every test that needs it (ray.init costs seconds)."""
+def ray_session(s3_server):
+    """One local Ray instance shared by every test that needs it (ray.init costs seconds).
+
+    Starts after `s3_server`, so Ray's processes inherit its dummy AWS_* credentials and guard
+    endpoint. They never see GMMC_S3_ENDPOINT_URL: runs reach the moto server only through
+    `run.s3_endpoint_url`.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -58,6 +63,9 @@ _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
+    # Guard: an S3 client created without an explicit endpoint connects to this closed loopback
+    # port and fails, instead of reaching AWS.
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
 }
 
 

@@ -216,7 +216,7 @@ def test_fid_of_gaussian_features_matches_direct_formula():
 
 
 def test_inception_score_hand_computed():
-    one_hot = np.eye(5)[np.arange(50) % 5]  # every split holds each of the 5 classes once
+    one_hot = np.eye(5)[np.arange(50) % 5]  # every split contains each of the 5 classes once
     mean, std = generative.inception_score(one_hot, splits=10)
     assert mean == pytest.approx(5.0)
     assert std == pytest.approx(0.0, abs=1e-12)
@@ -342,3 +342,14 @@ def test_celeba_is_resized_to_32(data_root):
     assert images.shape == (3, 3, 32, 32)
     assert images.min() >= -1
     assert images.max() <= 1
+
+
+@pytest.mark.slow
+def test_ray_split_matches_local(tiny_gmmc_file, data_root, tmp_path, ray_session):
+    common = dict(test_folder=str(data_root / "cifar10" / "test"), test_limit=12, limit=6, pgd_eps=(8.0,), pgd_steps=2)
+    local = run_evaluation(str(tiny_gmmc_file), ["accuracy", "pgd"], str(tmp_path / "local"), EvaluationOptions(**common))
+    split = run_evaluation(str(tiny_gmmc_file), ["accuracy", "pgd"], str(tmp_path / "ray"),
+                           EvaluationOptions(**common, ray_workers=2))
+    assert split["results"]["accuracy"] == local["results"]["accuracy"]
+    assert split["results"]["pgd"]["clean_accuracy"] == local["results"]["pgd"]["clean_accuracy"]
+    assert split["results"]["pgd"]["count"] == 6

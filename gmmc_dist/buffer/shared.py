@@ -1,6 +1,6 @@
 """Replay buffer shared by all training workers, held by K Ray actors (shards).
 
-Layout: the global buffer has `capacity` slots. Shard k holds the contiguous global slots
+Layout: the global buffer has `capacity` slots. Shard k contains the contiguous global slots
 [k S, (k + 1) S) with S = capacity / K, so global slot s lives in shard s // S at local index s - k S.
 Slot s belongs to class s % C, as in the local buffer. States are stored as numpy arrays in the
 shard's storage dtype and travel through Ray's object store.
@@ -206,9 +206,10 @@ class BufferShard:
     def draw(self, batch_size: int, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Draw `batch_size` slots uniformly (within the requested labels' classes if given).
 
-        Returns global `slots`, `states` (storage dtype; rows of reinitialised chains still hold the
-        old state, the caller replaces them), `labels` (the requested ones in a class-conditional
-        draw), `ages`, `chain_ids`, `versions`, `fresh`.
+        Returns a dict of arrays: global `slots`, `states`, `labels`, `ages`, `chain_ids`, `versions`
+        and the bool mask `fresh`. `states` are in the storage dtype, and rows of reinitialised
+        chains still contain the old state, which the caller replaces. In a class-conditional draw
+        `labels` are the requested ones.
         """
         if labels is not None:
             labels = np.asarray(labels, dtype=np.int64)
@@ -246,7 +247,7 @@ class BufferShard:
         counts = self.class_count[labels]
         if (counts <= 0).any():
             missing = sorted(set(labels[counts <= 0].tolist()))
-            raise ValueError(f"buffer shard {self.shard_index} holds no slots of classes {missing}")
+            raise ValueError(f"buffer shard {self.shard_index} has no slots of classes {missing}")
         return self.class_first[labels] + self.num_classes * self.rng.integers(counts)
 
     def _allocate_chain_ids(self, count: int) -> np.ndarray:
@@ -323,7 +324,11 @@ class BufferShard:
         return {"states": self.states[local], "labels": self.labels[local], "ages": self.ages[local]}
 
     def snapshot(self, url: str) -> dict[str, Any]:
-        """Write this shard to `<url>/shard-k-of-K.npz` atomically. Returns file name, bytes, seconds."""
+        """Write this shard to `<url>/shard-k-of-K.npz` atomically. Returns file name, bytes, seconds.
+
+        NOTE: the shard serves no draws while it writes (one call at a time), so every worker waits
+        for the snapshot; 50,000 float32 states are 614 MB. The benchmark does not time this.
+        """
         start = time.perf_counter()
         layout = np.array([SNAPSHOT_FORMAT, self.capacity, self.num_shards, self.shard_index, self.num_classes])
         payload = io.BytesIO()
@@ -778,6 +783,15 @@ class SharedReplayBuffer(ReplayBuffer):
         while self._pending_writes:
             ray.get(self._pending_writes.popleft())
         self.client_counters["wait_s"] += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Flush the write-backs and collect a pending prefetched draw, so the shards can be deleted.
+
+        The chains of that draw stay unchanged in the buffer (the shards counted them as drawn)."""
+        self.flush()
+        if self._pending_draw is not None:
+            ray.get([ref for _, ref in self._pending_draw.parts])
+            self._pending_draw = None
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 Wagner, IEEE S&P 2017), written against the model interface (`logits`, `features`, `means`).
 
 Scales: models take inputs on [-1, 1]. Every budget and norm in this module's arguments and results
-is on the [0, 1] pixel scale, as in the papers: an L-inf radius eps on [0, 1] is 2 eps on [-1, 1],
+is on the [0, 1] pixel scale, as in the papers. An L-inf radius eps on [0, 1] is 2 eps on [-1, 1],
 and an L2 norm on [-1, 1] is twice the [0, 1] norm.
 
 PGD losses (maximised):
@@ -55,7 +55,7 @@ def attack_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, loss: s
 
 
 def resolve_pgd_losses(model: nn.Module, loss: str) -> tuple[str, ...]:
-    """The concrete losses that `loss` stands for on this model ("adaptive" expands by family)."""
+    """Return the concrete losses that `loss` means for this model ("adaptive" depends on the family)."""
     if loss not in PGD_LOSSES:
         raise ValueError(f"unknown PGD loss {loss!r}: choose one of {', '.join(PGD_LOSSES)}")
     if loss == "adaptive":
@@ -86,8 +86,8 @@ def pgd_linf(
 
     eps and step_size are on the [0, 1] pixel scale; step_size defaults to 2.5 eps / steps (Madry
     et al.). Returns (adversarial images [B, ...] on [-1, 1], fooled [B] bool). Every loss of
-    `resolve_pgd_losses(model, loss)` runs `restarts` times; the first run that fools the model
-    supplies an image's adversarial example, and otherwise the first run's result is kept.
+    `resolve_pgd_losses(model, loss)` runs `restarts` times. An image's adversarial example comes
+    from the first run that fools the model, or from the first run when none does.
     """
     _check_attack_inputs(images, labels)
     if eps < 0 or steps < 0 or restarts < 1:
@@ -143,8 +143,8 @@ def pgd_robust_flags(
 ) -> dict[str, torch.Tensor]:
     """Per-image results of PGD L-inf: {"clean": correct [N] bool, "8/255": robust [N] bool, ...}.
 
-    Radii in `eps_values` are on the [0, 1] pixel scale; an image is robust at a radius when it is
-    classified correctly after every attack run (so a misclassified clean image is never robust).
+    Radii in `eps_values` are on the [0, 1] pixel scale. An image is robust at a radius when it is
+    classified correctly after every attack run, so a misclassified clean image is never robust.
     """
     resolve_pgd_losses(model, loss)
     model.eval()
@@ -276,7 +276,7 @@ def _cw_gap(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | 
 
 
 def random_targets(labels: torch.Tensor, num_classes: int, seed: int = 0) -> torch.Tensor:
-    """A target class different from the label for every image, uniform over the others, seeded."""
+    """Draw a target class different from the label for every image, uniform over the others, seeded."""
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
     return (labels + offsets) % num_classes

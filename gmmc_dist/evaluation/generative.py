@@ -1,6 +1,6 @@
 """Sample quality: Inception Score and Frechet Inception Distance from a local Inception-v3 file.
 
-Libraries: the network is torchvision's Inception-v3 module; for the standard FID network the
+Libraries: the network is torchvision's Inception-v3 module. For the standard FID network, the
 blocks that differ from torchvision's are replaced by the `FIDInception*` blocks of the
 `pytorch-fid` package (0.3.0), which match the TensorFlow graph of 2015-12-05 that FID and IS
 were defined with. The matrix square root of FID is `scipy.linalg.sqrtm`.
@@ -46,8 +46,8 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_fid_inception() -> nn.Module:
-    """The FID Inception-v3 architecture with random weights (no download): torchvision's module
-    with the Mixed blocks replaced by pytorch-fid's `FIDInception*` blocks and 1008 classes."""
+    """Build the FID Inception-v3 architecture with random weights (no download): torchvision's
+    module with the Mixed blocks replaced by pytorch-fid's `FIDInception*` blocks and 1008 classes."""
     from pytorch_fid import inception as fid
 
     network = fid._inception_v3(num_classes=1008, aux_logits=False, weights=None)
@@ -64,7 +64,7 @@ def build_fid_inception() -> nn.Module:
 
 
 def build_torchvision_inception() -> nn.Module:
-    """torchvision's ImageNet Inception-v3 architecture with random weights (no download)."""
+    """Build torchvision's ImageNet Inception-v3 architecture with random weights (no download)."""
     import torchvision
 
     return torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
@@ -232,7 +232,7 @@ def reference_statistics(
 ) -> tuple[np.ndarray, np.ndarray]:
     """FID reference mean and covariance, read from the `.npz` cache or computed from `batches`.
 
-    The cache holds `mu`, `sigma` and `kind` (the Inception kind), and is read with
+    The cache contains `mu`, `sigma` and `kind` (the Inception kind), and is read with
     `allow_pickle=False`. A cache written with another Inception kind is rejected.
     """
     if cache_path and Path(cache_path).is_file():
@@ -272,8 +272,8 @@ def select_confident_samples(
     """Keep, for every predicted class, the `per_class` states of highest confidence max_y p(y|x).
 
     This is how the GMMC reference code draws the generated set from the replay buffer. Returns
-    (states [M, 3, 32, 32], predicted classes [M], confidences [M]) ordered by class; a class
-    predicted for fewer than `per_class` states contributes what it has.
+    (states [M, 3, 32, 32], predicted classes [M], confidences [M]) ordered by class. A class
+    predicted for fewer than `per_class` states contributes all of them.
     """
     model.eval()
     probabilities = torch.cat([

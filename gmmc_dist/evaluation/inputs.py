@@ -116,7 +116,7 @@ def load_shards(shards_url: str, split: str = "test", limit: int | None = None) 
         if limit and count >= limit:
             break
     if not images:
-        raise ValueError(f"split {split!r} of shards {shards_url} holds no images")
+        raise ValueError(f"split {split!r} of shards {shards_url} contains no images")
     images_tensor, labels_tensor = torch.cat(images), torch.cat(labels)
     if limit:
         images_tensor, labels_tensor = images_tensor[:limit], labels_tensor[:limit]

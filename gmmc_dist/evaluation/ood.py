@@ -1,7 +1,7 @@
 """Out-of-distribution detection: three scores, AUROC and score histograms.
 
 Scores (higher means "more in-distribution"), as compared in JEM (Grathwohl et al., ICLR 2020)
-and the GMMC paper:
+and GMMC (Yang et al., ECML-PKDD 2021):
     log_px     log p(x) up to a constant, logsumexp_y of the logits
     max_prob   max_y p(y|x)
     grad_norm  -||d log p(x) / dx||_2, the L2 norm taken over the [-1, 1] input scale
@@ -31,7 +31,7 @@ SCORE_NAMES = ("log_px", "max_prob", "grad_norm")
 
 
 def score_batch(model: nn.Module, x: torch.Tensor, score: str) -> torch.Tensor:
-    """One OOD score per image of the batch x [B, 3, 32, 32], [B]."""
+    """Compute one OOD score per image of the batch x [B, 3, 32, 32]; returns [B]."""
     if score == "log_px":
         with torch.no_grad():
             return model.log_px(x)
@@ -42,7 +42,7 @@ def score_batch(model: nn.Module, x: torch.Tensor, score: str) -> torch.Tensor:
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             # Each image's log p(x) depends on that image only (eval mode), so the gradient of the
-            # sum holds the per-image gradients.
+            # sum contains the per-image gradients.
             (grad,) = torch.autograd.grad(model.log_px(x).sum(), inputs=x)
         return -grad.flatten(1).norm(dim=1)
     raise ValueError(f"unknown OOD score {score!r}: choose one of {', '.join(SCORE_NAMES)}")

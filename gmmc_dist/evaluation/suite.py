@@ -178,7 +178,7 @@ def run_evaluation(
 
 
 class _Skipped(Exception):
-    """An evaluation that cannot run with the given inputs; the message says what to pass."""
+    """An evaluation that cannot run with the given inputs; the message names the missing input."""
 
 
 def _check_inputs(evaluations: list[str], options: EvaluationOptions) -> None:
@@ -281,7 +281,7 @@ class _Context:
 
 def _per_image_work(kind: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                     options: EvaluationOptions, device: str, seed: int) -> Any:
-    """The per-image part of an evaluation on one slice of the test set (run locally or in a Ray task)."""
+    """Run the per-image part of an evaluation on one slice of the test set (run locally or in a Ray task)."""
     if kind == "logits":
         model.eval()
         with torch.no_grad():
@@ -321,7 +321,7 @@ def _parallel_map(context: _Context, kind: str, images: torch.Tensor, labels: to
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
-    # NOTE: a CUDA device asks Ray for one whole GPU per task; on a single-GPU machine the tasks
+    # NOTE: a CUDA device requests one whole GPU per task; on a single-GPU machine the tasks
     # then run one after another.
     num_gpus = 1 if str(context.device).startswith("cuda") else 0
     remote = ray.remote(num_cpus=1, num_gpus=num_gpus)(_per_image_work)

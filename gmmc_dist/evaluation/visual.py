@@ -97,7 +97,7 @@ def tsne_png(embedding: np.ndarray, labels: np.ndarray, class_names: list[str] |
 def class_rows_png(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> bytes:
     """Grid of images [N, 3, H, W] in [-1, 1] with one row per class and `per_class` columns.
 
-    Row c holds the first `per_class` images with label c, in the given order; missing cells are white.
+    Row c contains the first `per_class` images with label c, in the given order; missing cells are white.
     """
     from torchvision.utils import make_grid
 

@@ -31,11 +31,25 @@ def absolute_locations(config: Config) -> Config:
     return config
 
 
+def storage_options_for(config: Config, url: str) -> dict[str, Any] | None:
+    """Return fsspec options that send `url` to `run.s3_endpoint_url` when it is an S3 location.
+
+    The driver passes these options explicitly instead of changing its own environment, so a
+    process that calls `run_training` keeps its settings. The s3fs filesystem that Ray Train
+    receives is pickled with these options, so Ray's own checkpoint uploads use the endpoint too.
+    """
+    endpoint = config.run.s3_endpoint_url
+    if endpoint and storage.protocol_of(url) in storage.S3_PROTOCOLS:
+        return {"endpoint_url": endpoint}
+    return None
+
+
 def prepare_shards(config: Config) -> None:
     """Convert `data.source` into shards when `data.shards_url` has no manifest; check the manifest."""
     data = config.data
+    options = storage_options_for(config, data.shards_url)
     manifest_url = storage.join(data.shards_url, MANIFEST_NAME)
-    if not storage.exists(manifest_url):
+    if not storage.exists(manifest_url, options):
         if not data.source:
             raise FileNotFoundError(
                 f"no {MANIFEST_NAME} under data.shards_url={storage.redact(data.shards_url)}: run "
@@ -46,8 +60,8 @@ def prepare_shards(config: Config) -> None:
 
         source_path = download_source(data.dataset) if data.source == "download" else data.source
         logger.info("converting %s into shards under %s", source_path, storage.redact(data.shards_url))
-        write_shards(open_source(source_path), data.shards_url, data.dataset)
-    manifest = read_manifest(data.shards_url)
+        write_shards(open_source(source_path), data.shards_url, data.dataset, storage_options=options)
+    manifest = read_manifest(data.shards_url, options)
     for split in (data.train_split, data.test_split):
         if split not in manifest.splits:
             raise ValueError(
@@ -91,7 +105,7 @@ def connect_ray(address: str) -> None:
 
 def build_trainer(config: Config, loop_config: dict[str, Any] | None = None) -> TorchTrainer:
     """A TorchTrainer around `train_loop_per_worker`, storing checkpoints under `run.output`."""
-    filesystem, path = storage.arrow_filesystem(config.run.output)
+    filesystem, path = storage.arrow_filesystem(config.run.output, storage_options_for(config, config.run.output))
     resources = {"CPU": config.run.cpus_per_worker}
     if config.run.use_gpu:
         resources["GPU"] = 1
@@ -113,7 +127,8 @@ def build_trainer(config: Config, loop_config: dict[str, Any] | None = None) -> 
 def run_training(config: Config) -> dict[str, Any]:
     """Run a whole training job and return the final figures from `metrics.json`."""
     config = absolute_locations(config)
-    storage.ensure_writable(config.run.output)
+    output_options = storage_options_for(config, config.run.output)
+    storage.ensure_writable(config.run.output, output_options)
     prepare_shards(config)
     connect_ray(config.run.ray_address)
     logger.info("training %s on %d worker(s); output %s", config.train.objective, config.run.num_workers,
@@ -122,5 +137,5 @@ def run_training(config: Config) -> dict[str, Any]:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    metrics = json.loads(storage.read_bytes(storage.join(config.run.output, "metrics.json")))
+    metrics = json.loads(storage.read_bytes(storage.join(config.run.output, "metrics.json"), output_options))
     return metrics

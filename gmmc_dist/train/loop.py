@@ -40,8 +40,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     "shared_buffer" (handles of the shared replay buffer actors, created by the driver)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.from_dict(loop_config["config"])
+    pass  # MUTATION apply_s3_endpoint(config.run.s3_endpoint_url)
     context = ray.train.get_context()
     WorkerRun(config, context.get_world_rank(), context.get_world_size(), loop_config.get("shared_buffer")).run()
+
+
+def apply_s3_endpoint(endpoint_url: str) -> None:
+    """Point this worker's s3:// reads and writes at `endpoint_url` (no change when it is empty).
+
+    Sets GMMC_S3_ENDPOINT_URL in this process's environment because the Ray worker process does not
+    inherit the driver's environment (a local Ray keeps the environment it started with, other nodes
+    have their own). DataLoader processes forked later inherit it. Credentials are not passed: each
+    process finds them in the AWS_* variables, ~/.aws or an instance role of its node.
+    """
+    if endpoint_url:
+        os.environ[storage.ENDPOINT_ENV_VAR] = endpoint_url
 
 
 class WorkerRun:
