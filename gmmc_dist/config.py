@@ -67,8 +67,10 @@ class BufferConfig:
     """Global number of chain states, split across workers or shards."""
     reinit_prob: float = 0.025
     """rho, probability that a drawn chain is replaced by a fresh U(-1, 1) start."""
-    num_shards: int = 2
-    """Shared buffer only: number of Ray actors holding capacity / num_shards states each."""
+    num_shards: int = 1
+    """Shared buffer only: number of Ray actors holding capacity / num_shards states each. One shard
+    was fastest on a 2-core machine (benchmarks/buffer_bench.py); more shards spread memory and
+    load over nodes."""
     dtype: str = "float32"
     """Storage dtype of chain states: "float32" or "float16"."""
     snapshot_every_steps: int = 0
@@ -217,12 +219,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"objective": "joint", "joint_switch_epoch": 2, "joint_ramp_epochs": 0.5, "gamma_samples": 10_000},
         "run": {"output": "runs/gmmc-cifar10-cpu", "num_workers": 2, "torch_threads": 1},
     },
-    # The discriminative GMMC on a 2-core CPU machine, for longer accuracy runs.
+    # The baselines with their own papers' settings. JEM (Grathwohl et al., ICLR 2020): SGLD with
+    # step 1 and noise 0.01, 20 steps, a buffer of 10,000 with 5 % reinitialisation.
+    "cifar10-softmax": {
+        "train": {"objective": "softmax"},
+        "run": {"output": "runs/softmax-cifar10"},
+    },
+    "cifar10-jem": {
+        "sampler": {"name": "sgld", "steps": 20, "step_size": 1.0, "noise_std": 0.01},
+        "buffer": {"capacity": 10_000, "reinit_prob": 0.05},
+        "train": {"objective": "jem"},
+        "run": {"output": "runs/jem-cifar10"},
+    },
+    # The discriminative GMMC on a 2-core CPU machine, for longer accuracy runs with a test
+    # accuracy figure after every epoch.
     "cifar10-cpu-dis": {
         "model": {"depth": 10, "widen_factor": 2},
         "data": {"loader_workers": 1},
-        "optim": {"lr": 1e-3, "warmup_iters": 200, "epochs": 10, "decay_epochs": [6, 8]},
-        "train": {"objective": "discriminative", "gamma_samples": 10_000},
+        "optim": {"lr": 1e-3, "warmup_iters": 200, "epochs": 12, "decay_epochs": [8, 10]},
+        "train": {"objective": "discriminative", "gamma_samples": 10_000, "eval_every_epochs": 1},
         "run": {"output": "runs/gmmc-cifar10-cpu-dis", "num_workers": 2, "torch_threads": 1},
     },
     # Minimal sizes for tests: a WRN-10-1 (d = 64) and a few steps per epoch.

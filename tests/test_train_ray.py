@@ -130,3 +130,31 @@ def test_missing_shards_without_source_rejected(tmp_path):
     config = build_config("tiny", {"data": {"shards_url": str(tmp_path / "none")}, "run": {"output": str(tmp_path / "r")}})
     with pytest.raises(FileNotFoundError, match="jobs/prepare_data.py"):
         run_training(config)
+
+
+@pytest.mark.slow
+def test_shared_buffer_run_snapshots_and_resumes(ray_session, small_cifar, tmp_path):
+    shards, output = tmp_path / "shards", tmp_path / "run"
+    settings = dict(
+        train={"objective": "generative"}, optim={"epochs": 1}, buffer={"kind": "shared", "capacity": 400},
+    )
+    run_training(_config(small_cifar, shards, output, **settings))
+    history = json.loads((output / "history.json").read_text())
+    # 10 steps x 16 chains x 2 workers, plus the batch each worker prefetched after its last step.
+    assert history[0]["buffer_write_backs"] == 10 * 16 * 2
+    assert history[0]["buffer_draws"] == 10 * 16 * 2 + 2 * 16
+
+    state = checkpoint.load_payload(str(sorted(output.glob("train/checkpoint_2*/state.pt"))[-1]))
+    reference = state["buffer"]
+    assert reference["kind"] == "shared"
+    assert reference["step"] == 10
+    assert Path(reference["url"]).is_dir()
+    assert not list(output.glob("train/checkpoint_2*/buffer-rank*.pt"))  # the states stay out of checkpoints
+
+    settings["optim"] = {"epochs": 2}
+    run_training(_config(small_cifar, shards, output, **settings))
+    resumed = json.loads((output / "history.json").read_text())
+    assert resumed[0] == history[0]
+    assert resumed[1]["step"] == 20
+    # The resumed shards start from the snapshot, so chains keep ageing instead of restarting at 0.
+    assert resumed[1]["buffer_mean_age"] > history[0]["buffer_mean_age"]

@@ -133,8 +133,24 @@ def run_training(config: Config) -> dict[str, Any]:
     connect_ray(config.run.ray_address)
     logger.info("training %s on %d worker(s); output %s", config.train.objective, config.run.num_workers,
                 storage.redact(config.run.output))
-    trainer = build_trainer(config)
-    result = trainer.fit()
+    shared_buffer = None
+    if config.uses_sampling and config.buffer.kind == "shared":
+        from ..buffer.shared import create_shared_buffer
+
+        # Created here, not in a worker, so the shards outlive worker-group restarts. They reload the
+        # latest snapshot under <output>/buffer when a rerun resumes.
+        shared_buffer = create_shared_buffer(
+            config.buffer, config.model.num_classes, snapshot_root=storage.join(config.run.output, "buffer"),
+            seed=config.train.seed,
+        )
+    try:
+        trainer = build_trainer(config, {"shared_buffer": shared_buffer} if shared_buffer else None)
+        result = trainer.fit()
+    finally:
+        if shared_buffer is not None:
+            from ..buffer.shared import delete_shared_buffer
+
+            delete_shared_buffer(shared_buffer)
     if result.error is not None:
         raise result.error
     metrics = json.loads(storage.read_bytes(storage.join(config.run.output, "metrics.json"), output_options))

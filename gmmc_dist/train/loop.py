@@ -27,7 +27,7 @@ from ..data.loader import make_train_loader
 from ..models import build_model, model_summary
 from ..objectives import LossTerms, beta_at, gmmc_loss, jem_loss, softmax_loss
 from ..samplers import build_sampler
-from .results import all_reduce_sum, estimate_gamma2, evaluate_test_split, sample_grid_png
+from .results import all_reduce_sum, barrier, estimate_gamma2, evaluate_test_split, sample_grid_png
 
 logger = logging.getLogger("gmmc_dist.train")
 
@@ -40,7 +40,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     "shared_buffer" (handles of the shared replay buffer actors, created by the driver)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.from_dict(loop_config["config"])
-    pass  # MUTATION apply_s3_endpoint(config.run.s3_endpoint_url)
+    apply_s3_endpoint(config.run.s3_endpoint_url)
     context = ray.train.get_context()
     WorkerRun(config, context.get_world_rank(), context.get_world_size(), loop_config.get("shared_buffer")).run()
 
@@ -176,13 +176,18 @@ class WorkerRun:
                 checkpoint.write_local(folder, checkpoint.STATE_FILE, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    def _save_buffer(self, folder: str) -> dict:
-        state = self.buffer.state_dict()
+    def _save_buffer(self, folder: str) -> dict | None:
+        """Save this rank's local buffer into the checkpoint, or snapshot the shared buffer once.
+
+        The shared buffer's states stay in the run's storage; the checkpoint keeps the reference.
+        """
         if self.config.buffer.kind == "local":
-            payload = {"format": checkpoint.FORMAT_VERSION, **state}
+            payload = {"format": checkpoint.FORMAT_VERSION, **self.buffer.state_dict()}
             checkpoint.write_local(folder, f"buffer-rank{self.rank}.pt", payload)
             return {"kind": "local", "world_size": self.world_size}
-        return state
+        self.buffer.flush()  # every rank's write-backs land before rank 0 snapshots
+        barrier()
+        return self.buffer.snapshot(self.step) if self.is_main else None
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -221,6 +226,10 @@ class WorkerRun:
                 torch.tensor(beta, device=self.device, dtype=torch.float64),
             ])
             self.step += 1
+            snapshot_every = cfg.buffer.snapshot_every_steps
+            if self.buffer is not None and cfg.buffer.kind == "shared" and snapshot_every and self.is_main \
+                    and self.step % snapshot_every == 0:
+                self.buffer.snapshot(self.step)
             if self.step % cfg.train.log_every_steps == 0:
                 last_log = self._log_progress(index, terms, last_log)
         return self._epoch_metrics(sums, time.perf_counter() - started)

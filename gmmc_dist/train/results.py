@@ -22,6 +22,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 @torch.no_grad()
 def estimate_gamma2(
     model: nn.Module, shards_url: str, split: str, batch_size: int, rank: int, world_size: int,
