@@ -1,4 +1,4 @@
-"""Evaluate a trained GMMC, softmax or JEM model: accuracy, calibration, OOD, attacks, FID/IS, figures.
+r"""Evaluate a trained GMMC, softmax or JEM model: accuracy, calibration, OOD, attacks, FID/IS, figures.
 
 Example (CPU, a quick look on 200 test images):
     python jobs/evaluate.py --checkpoint runs/gmmc-cifar10-cpu --test-folder ../shared/data/cifar10/test \
