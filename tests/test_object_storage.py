@@ -42,10 +42,29 @@ def small_cifar(data_root, tmp_path_factory) -> Path:
     return target
 
 
-def _config(endpoint: str, **sections):
+@pytest.fixture
+def s3_shards(s3_server, small_cifar) -> s3fs.S3FileSystem:
+    """An empty bucket holding only the shards that jobs/prepare_data.py wrote to SHARDS_URL.
+
+    320 train images go into 4 shards (100, 100, 100, 20), 100 test images into 1.
+    """
+    from jobs.prepare_data import main as prepare_data
+
+    assert storage.ENDPOINT_ENV_VAR not in os.environ, "unset GMMC_S3_ENDPOINT_URL: the test checks run.s3_endpoint_url"
+    reset_s3(s3_server)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    fs.mkdir(BUCKET)
+    prepare_data([
+        "--source", str(small_cifar), "--dataset", "cifar10", "--output", SHARDS_URL,
+        "--shard-size", str(SHARD_SIZE), "--s3-endpoint-url", s3_server,
+    ])
+    return fs
+
+
+def _config(endpoint: str, output: str = OUTPUT_URL, **sections):
     overrides = {
         "data": {"shards_url": SHARDS_URL, "source": "", "loader_workers": 1},
-        "run": {"output": OUTPUT_URL, "num_workers": WORKERS, "s3_endpoint_url": endpoint},
+        "run": {"output": output, "num_workers": WORKERS, "s3_endpoint_url": endpoint},
         "train": {"objective": "joint", "joint_switch_epoch": 1, "log_every_steps": 100},
         "optim": {"epochs": 2, "batch_size_per_worker": BATCH_PER_WORKER},
     }
@@ -64,19 +83,8 @@ def _state_paths(fs: s3fs.S3FileSystem) -> list[str]:
 
 
 @pytest.mark.slow
-def test_s3_train_resume_evaluate(ray_session, s3_server, small_cifar, tmp_path, monkeypatch):
-    from jobs.prepare_data import main as prepare_data
-
-    assert storage.ENDPOINT_ENV_VAR not in os.environ, "unset GMMC_S3_ENDPOINT_URL: the test checks run.s3_endpoint_url"
-    reset_s3(s3_server)
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    fs.mkdir(BUCKET)
-
-    # Shards on S3 through jobs/prepare_data.py: 320 train images in 4 shards, 100 test images in 1.
-    prepare_data([
-        "--source", str(small_cifar), "--dataset", "cifar10", "--output", SHARDS_URL,
-        "--shard-size", str(SHARD_SIZE), "--s3-endpoint-url", s3_server,
-    ])
+def test_s3_train_resume_evaluate(ray_session, s3_server, s3_shards, tmp_path, monkeypatch):
+    fs = s3_shards
     manifest = _read_json(fs, f"{BUCKET}/shards/manifest.json")
     assert [shard["count"] for shard in manifest["splits"]["train"]["shards"]] == [100, 100, 100, 20]
     assert manifest["splits"]["test"]["count"] == 100
@@ -162,3 +170,33 @@ def test_s3_endpoint_config_rejected(endpoint, message):
 @pytest.mark.parametrize("endpoint", ["", "http://127.0.0.1:9000", "https://s3.example.com", "http://[::1]:9000/"])
 def test_s3_endpoint_config_accepted(endpoint):
     assert build_config("tiny", {"run": {"s3_endpoint_url": endpoint}}).run.s3_endpoint_url == endpoint
+
+
+@pytest.mark.slow
+def test_s3_shared_buffer_snapshots_resume(ray_session, s3_server, s3_shards):
+    fs = s3_shards
+    output = f"s3://{BUCKET}/shared-run"
+    settings = dict(
+        train={"objective": "generative"}, optim={"epochs": 1}, buffer={"kind": "shared", "capacity": 400},
+    )
+    run_training(_config(s3_server, output, **settings))
+    history = _read_json(fs, f"{BUCKET}/shared-run/history.json")
+    assert history[0]["step"] == STEPS_PER_EPOCH
+    assert history[0]["buffer_write_backs"] == STEPS_PER_EPOCH * BATCH_PER_WORKER * WORKERS
+
+    # The buffer shard actors and the driver write snapshots through run.s3_endpoint_url too.
+    latest = _read_json(fs, f"{BUCKET}/shared-run/buffer/latest.json")
+    assert latest["step"] == STEPS_PER_EPOCH
+    assert latest["url"].startswith(f"s3://{BUCKET}/shared-run/buffer/")
+    snapshot = latest["url"].removeprefix("s3://")
+    assert fs.isfile(f"{snapshot}/manifest.json")
+    assert fs.isfile(f"{snapshot}/shard-00000-of-00002.npz")
+    assert fs.isfile(f"{snapshot}/shard-00001-of-00002.npz")
+
+    settings["optim"] = {"epochs": 2}
+    run_training(_config(s3_server, output, **settings))
+    resumed = _read_json(fs, f"{BUCKET}/shared-run/history.json")
+    assert resumed[0] == history[0]
+    assert resumed[1]["step"] == 2 * STEPS_PER_EPOCH
+    # The shards reload the snapshot from S3, so chains keep ageing instead of restarting at 0.
+    assert resumed[1]["buffer_mean_age"] > history[0]["buffer_mean_age"]

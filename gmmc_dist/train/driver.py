@@ -141,7 +141,7 @@ def run_training(config: Config) -> dict[str, Any]:
         # latest snapshot under <output>/buffer when a rerun resumes.
         shared_buffer = create_shared_buffer(
             config.buffer, config.model.num_classes, snapshot_root=storage.join(config.run.output, "buffer"),
-            seed=config.train.seed,
+            seed=config.train.seed, storage_options=output_options,
         )
     try:
         trainer = build_trainer(config, {"shared_buffer": shared_buffer} if shared_buffer else None)

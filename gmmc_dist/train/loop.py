@@ -31,8 +31,10 @@ from .results import all_reduce_sum, barrier, estimate_gamma2, evaluate_test_spl
 
 logger = logging.getLogger("gmmc_dist.train")
 
-# Per-epoch sums kept on the device, reduced over ranks once per epoch.
-_SUMS = ("loss", "data_energy", "sample_energy", "correct", "images", "sampled_batches", "beta")
+# Per-epoch sums: the first four are kept on the device (no host synchronisation per step), the
+# rest are known on the host. All are reduced over ranks once per epoch.
+_DEVICE_SUMS = ("loss", "data_energy", "sample_energy", "correct")
+_HOST_SUMS = ("images", "sampled_batches", "beta")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -211,7 +213,8 @@ class WorkerRun:
         cfg = self.config
         torch.manual_seed(cfg.train.seed + 1009 * self.epoch + self.rank)
         self.model.train()
-        sums = torch.zeros(len(_SUMS), dtype=torch.float64, device=self.device)
+        device_sums = torch.zeros(len(_DEVICE_SUMS), dtype=torch.float64, device=self.device)
+        host_sums = dict.fromkeys(_HOST_SUMS, 0.0)
         started = time.perf_counter()
         last_log = (started, self.step)
         for index, (images, labels) in enumerate(self._train_loader(self.epoch)):
@@ -219,12 +222,11 @@ class WorkerRun:
                 break
             beta = beta_at(cfg.train, self.epoch + index / self.steps_per_epoch)
             terms = self.train_step(images.to(self.device), labels.to(self.device), beta)
-            sums += torch.stack([
-                terms.loss.detach().double(), terms.data_energy.double(), terms.sample_energy.double(),
-                terms.correct.double(), torch.tensor(float(len(labels)), device=self.device, dtype=torch.float64),
-                torch.tensor(float(beta > 0), device=self.device, dtype=torch.float64),
-                torch.tensor(beta, device=self.device, dtype=torch.float64),
-            ])
+            device_sums += torch.stack([terms.loss.detach(), terms.data_energy, terms.sample_energy,
+                                        terms.correct.to(terms.loss.dtype)]).double()
+            host_sums["images"] += len(labels)
+            host_sums["sampled_batches"] += float(beta > 0)
+            host_sums["beta"] += beta
             self.step += 1
             snapshot_every = cfg.buffer.snapshot_every_steps
             if self.buffer is not None and cfg.buffer.kind == "shared" and snapshot_every and self.is_main \
@@ -232,7 +234,8 @@ class WorkerRun:
                 self.buffer.snapshot(self.step)
             if self.step % cfg.train.log_every_steps == 0:
                 last_log = self._log_progress(index, terms, last_log)
-        return self._epoch_metrics(sums, time.perf_counter() - started)
+        host = torch.tensor([host_sums[key] for key in _HOST_SUMS], dtype=torch.float64, device=self.device)
+        return self._epoch_metrics(torch.cat([device_sums, host]), time.perf_counter() - started)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, beta: float) -> LossTerms:
         """One optimiser step: draw chains, refine them with the sampler, write them back, update."""
@@ -278,7 +281,7 @@ class WorkerRun:
 
     def _epoch_metrics(self, sums: torch.Tensor, seconds: float) -> dict[str, float]:
         all_reduce_sum(sums)
-        totals = dict(zip(_SUMS, sums.tolist()))
+        totals = dict(zip(_DEVICE_SUMS + _HOST_SUMS, sums.tolist()))
         batches = self.steps_per_epoch * self.world_size
         metrics = {
             "epoch": self.epoch + 1,
