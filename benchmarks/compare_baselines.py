@@ -10,10 +10,9 @@ and untargeted and targeted C&W L2.
     python benchmarks/compare_baselines.py --smoke --output runs/baselines-smoke
     python benchmarks/compare_baselines.py --output runs/baselines
 
-Writes under --output one folder per model (the training run, with `metrics.json`, and one
-`eval-*` folder per evaluation call), `settings.json`, and the comparison as JSON and markdown
-(`--json`, `--markdown`; by default `benchmarks/baselines.{json,md}`, or files under --output
-with --smoke). A rerun with the same --output and settings reuses every finished training
+Writes under --output one folder per model: the training run with its `metrics.json`, and one
+`eval-*` folder per evaluation call. The comparison goes to `--json` and `--markdown`, by default
+`benchmarks/baselines.{json,md}` (files under --output with --smoke). A rerun with the same --output and settings reuses every finished training
 (`metrics.json` present) and evaluation (`evaluation.json` present) and redoes only what is missing.
 """
 
@@ -54,27 +53,28 @@ class Budget:
     """Settings shared by all four models, so that they compare at equal cost."""
 
     epochs: int = 2
-    train_samples: int = 10_000
+    train_samples: int = 3_000
     """Training images per epoch (data.max_train_samples), the same for every model."""
     max_steps_per_epoch: int = 0
-    """Cap on optimiser steps per epoch (train.max_steps_per_epoch; 0: a full pass over train_samples)."""
+    """Cap on optimiser steps per epoch (train.max_steps_per_epoch). 0 makes a full pass over train_samples."""
     batch_per_worker: int = 64
     workers: int = 2
     lr: float = 1e-3
-    warmup_iters: int = 100
+    warmup_iters: int = 10
+    """Linear warm-up in optimiser steps. The learning rate does not decay afterwards."""
     sampler_steps: int = 5
     buffer_capacity: int = 10_000
     buffer_reinit: float = 0.05
-    gamma_samples: int = 5_000
+    gamma_samples: int = 2_000
     seed: int = 0
-    test_limit: int = 0
+    test_limit: int = 1_000
     """Test images for accuracy and ECE in jobs/evaluate.py (0: all 10,000)."""
-    ood_limit: int = 500
-    pgd_limit: int = 200
+    ood_limit: int = 200
+    pgd_limit: int = 40
     pgd_steps: int = 10
-    cw_limit: int = 60
-    cw_iterations: int = 20
-    cw_targeted_iterations: int = 40
+    cw_limit: int = 30
+    cw_iterations: int = 10
+    cw_targeted_iterations: int = 20
     cw_binary_search_steps: int = 3
 
 
@@ -86,8 +86,9 @@ SMOKE_BUDGET = Budget(
 
 
 def model_overrides(name: str, budget: Budget, shards: str, output: str) -> dict[str, dict[str, Any]]:
-    """Config overrides of one model over the paper's defaults: the shared budget plus its objective."""
-    decay_epochs = [budget.epochs - 1] if budget.epochs >= 2 else [budget.epochs]
+    """Build one model's overrides of the `cifar10` preset (the GMMC paper's settings): the shared budget and its objective."""
+    # A milestone at the last epoch's end is never reached: with so few steps the rate does not decay.
+    decay_epochs = [budget.epochs]
     overrides: dict[str, dict[str, Any]] = {
         "model": {"depth": 10, "widen_factor": 2},
         "data": {"shards_url": shards, "max_train_samples": budget.train_samples, "loader_workers": 1},
@@ -210,6 +211,7 @@ def evaluate_model(evaluate_module, name: str, folder: Path, calls: dict[str, li
             (output / "benchmark_wall_seconds.txt").write_text(f"{entry['wall_seconds']}\n")
         else:
             logger.info("%s: reusing %s", name, result_path)
+            entry["reused"] = True
             wall_file = output / "benchmark_wall_seconds.txt"
             if wall_file.exists():
                 entry["wall_seconds"] = float(wall_file.read_text())
@@ -225,7 +227,7 @@ def check_settings(output: Path, settings: dict[str, Any]) -> None:
         previous = json.loads(path.read_text())
         if previous != settings:
             raise SystemExit(
-                f"{path} holds different settings from an earlier run, so its models cannot be reused: "
+                f"{path} contains settings that differ from this run's, so its models cannot be reused: "
                 "rerun with the same options or choose another --output"
             )
     else:
@@ -245,6 +247,7 @@ def collect_figures(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
         row["train_test_accuracy"] = metrics.get("test_accuracy")
         row["train_test_ece"] = metrics.get("test_ece")
         row["train_test_count"] = metrics.get("test_count")
+        row["train_accuracy"] = metrics.get("train_accuracy")
         row["gamma2"] = metrics.get("gamma2")
         row["images_per_second"] = metrics.get("images_per_second")
         row["train_seconds"] = metrics.get("train_seconds")
@@ -306,6 +309,7 @@ def comparison_rows(figures: dict[str, dict[str, Any]], budget: Budget) -> list[
         return label, [render(figures[name].get(key)) for name in MODELS]
 
     rows = [
+        row("Training accuracy, last epoch (%)", "train_accuracy", _pct),
         row("Test accuracy, whole split at end of training (%)", "train_test_accuracy", _pct),
         row("Test ECE, whole split at end of training (%)", "train_test_ece", _pct),
         row(f"Accuracy, jobs/evaluate.py (%)", "accuracy", _pct),
@@ -339,7 +343,7 @@ def _standard_error(accuracy: float, count: int) -> float:
 
 
 def claim_paragraphs(figures: dict[str, dict[str, Any]], budget: Budget) -> list[str]:
-    """One paragraph per claim of the GMMC paper, stating whether the measured numbers agree."""
+    """Write one paragraph per claim of the GMMC paper, stating whether the measured numbers agree."""
     softmax, gmmc = figures["softmax"], {name: figures[name] for name in ("gmmc_dis", "gmmc_gen")}
     paragraphs = []
 
@@ -405,8 +409,13 @@ def claim_paragraphs(figures: dict[str, dict[str, Any]], budget: Budget) -> list
         pairs = ", ".join(f"{_pct(v)} vs {_pct(r)}" for v, r in zip(values, references))
         higher = sum(v > r for v, r in zip(values, references))
         far = all(v >= r + 0.10 for v, r in zip(values, references))
-        verdict = ("agrees (at least 10 points above softmax at every eps)" if far else
-                   f"does not agree: higher at {higher} of {len(PGD_EPS)} radii but not by 10 points or more at every radius")
+        if far:
+            verdict = "agrees (at least 10 points above softmax at every radius)"
+        elif higher == 0:
+            verdict = "does not agree (not above softmax at any radius)"
+        else:
+            verdict = (f"does not agree (above softmax at {higher} of {len(PGD_EPS)} radii, but not by "
+                       "10 points at every radius)")
         masked = [row.get(f"pgd_ce_{eps}") for eps in PGD_EPS]
         mask_note = ("" if None in masked else
                      f" With cross-entropy instead of the adaptive loss it keeps {', '.join(_pct(v) for v in masked)} %.")
@@ -426,13 +435,22 @@ def claim_paragraphs(figures: dict[str, dict[str, Any]], budget: Budget) -> list
         for mode in ("untargeted", "targeted"):
             value, reference = row.get(f"cw_{mode}_l2"), softmax.get(f"cw_{mode}_l2")
             if value is None or reference is None:
-                cells.append(f"{mode} not measured")
+                successes = [(title, r.get(f"cw_{mode}_success")) for title, r in
+                             ((MODEL_TITLES[name], row), ("softmax", softmax))]
+                reasons = [f"{title} not measured" if rate is None else f"no successful attack on {title}"
+                           for title, rate, norm in ((t, rt, r.get(f"cw_{mode}_l2")) for (t, rt), r in
+                                                     zip(successes, (row, softmax))) if norm is None]
+                cells.append(f"{mode}: no norms to compare ({', '.join(reasons)})")
                 continue
             cells.append(f"{mode} {value:.3f} vs {reference:.3f} (success {_pct(row.get(f'cw_{mode}_success'))} vs "
                          f"{_pct(softmax.get(f'cw_{mode}_success'))} %)")
             verdicts.append(value > reference)
-        verdict = ("agrees" if verdicts and all(verdicts) else
-                   "agrees in part" if any(verdicts) else "does not agree")
+        if not verdicts:
+            verdict = "no comparison possible"
+        elif all(verdicts) and len(verdicts) == 2:
+            verdict = "agrees"
+        else:
+            verdict = "agrees in part" if any(verdicts) else "does not agree"
         parts.append(f"{MODEL_TITLES[name]} against softmax: {'; '.join(cells)}: {verdict}.")
     paragraphs.append("**C&W needs larger perturbations against GMMC** (paper, mean L2 untargeted / targeted: GMMC "
                       "(Gen) 1.686 / 1.546, softmax 0.205 / 0.331). Mean L2 norm on [0, 1] pixels of the successful "
@@ -477,13 +495,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         "```",
         "",
         f"Hardware: {hardware['cpu']}, {hardware['logical_cpus']} logical CPUs, no GPU; Python {hardware['python']}, "
-        f"PyTorch {hardware['torch']}, Ray {hardware['ray']}. The CPUs were shared with other jobs during the run "
-        f"(1-minute load average {report['load_average_start']} at the start and {report['load_average_end']} at "
-        "the end), so wall times and throughputs are upper and lower bounds of a quiet machine's.",
+        f"PyTorch {hardware['torch']}, Ray {hardware['ray']}. Other jobs shared the CPUs during the run, so the "
+        "wall times below overstate, and the throughputs understate, those of a quiet machine.",
         "",
-        f"Total wall time: {report['total_wall_seconds']:.0f} s (training and evaluation of the models not reused "
-        "from an earlier run).",
+        f"Wall time: {report['compute_seconds']:.0f} s of training and evaluation in all, summed over the models "
+        "(the table gives each part). Invocations of the script on this output folder:",
         "",
+        "| started (UTC) | wall time (s) | 1-min load average at start / end | trained | evaluated |",
+        "|---|---|---|---|---|",
+        *[f"| {item['started_utc']} | {item['wall_seconds']:.0f} | {item['load_average_start']} / "
+          f"{item['load_average_end']} | {', '.join(item['trained']) or 'none'} | "
+          f"{', '.join(item['evaluated']) or 'none'} |" for item in report["invocations"]],
+        "",
+        *unrecorded_note(report),
         "## Caveat",
         "",
         f"Each model trains a WRN-10-2 for {budget.epochs} epoch(s) of {budget.train_samples:,} images "
@@ -493,6 +517,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "budget. They neither confirm nor refute the paper's figures. The evaluation subsets are small, so "
         "each figure carries sampling error (for an accuracy p on n images about sqrt(p (1 - p) / n)).",
         "",
+        *near_chance_note(figures),
         "## Results",
         "",
         "| | " + " | ".join(MODEL_TITLES[name] for name in MODELS) + " |",
@@ -520,11 +545,38 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+CHANCE_MARGIN = 0.05
+"""Accuracy above 1/10 below which a model counts as near chance in the caveat."""
+
+
+def near_chance_note(figures: dict[str, dict[str, Any]]) -> list[str]:
+    """Name the models whose whole-split test accuracy is within CHANCE_MARGIN of 10 % (chance on CIFAR-10)."""
+    near = [f"{MODEL_TITLES[name]} ({_pct(row['train_test_accuracy'])} %)" for name, row in figures.items()
+            if row.get("train_test_accuracy") is not None and row["train_test_accuracy"] < 0.1 + CHANCE_MARGIN]
+    if not near:
+        return []
+    return [f"Near chance (10 % on 10 classes) after this budget: {', '.join(near)}. Such a model has not yet "
+            "learned to classify, so its calibration, OOD and robustness figures describe an untrained "
+            "classifier, not the method.", ""]
+
+
+def unrecorded_note(report: dict[str, Any]) -> list[str]:
+    """Name the models that were trained or evaluated before invocations.json recorded the runs."""
+    trained = {name for item in report["invocations"] for name in item["trained"]}
+    evaluated = {name for item in report["invocations"] for name in item["evaluated"]}
+    missing = [MODEL_TITLES[name] for name, row in report["figures"].items()
+               if (row.get("train_wall_seconds") is not None and name not in trained)
+               or (row.get("eval_wall_seconds") is not None and name not in evaluated)]
+    if not missing:
+        return []
+    return [f"Parts of {', '.join(missing)} ran in an invocation before this record began; their wall times are "
+            "in the table.", ""]
+
+
 def settings_section(report: dict[str, Any]) -> list[str]:
     budget = Budget(**report["budget"])
     steps = (f"at most {budget.max_steps_per_epoch} steps per epoch" if budget.max_steps_per_epoch
              else "a full pass per epoch")
-    decay = budget.epochs - 1 if budget.epochs >= 2 else budget.epochs
     lines = [
         "## Settings",
         "",
@@ -537,7 +589,7 @@ def settings_section(report: dict[str, Any]) -> list[str]:
         f"(`data.max_train_samples`), {steps}, {budget.epochs} epoch(s); training augmentation of the paper "
         "(reflect-pad 4, random crop, flip, N(0, 0.03^2) noise).",
         f"- Optimiser: Adam, lr {budget.lr:g} after a linear warm-up of {budget.warmup_iters} steps, "
-        f"x0.3 from epoch {decay} on (no decay within a 1-epoch run), batch {budget.batch_per_worker} per worker, "
+        f"no decay, batch {budget.batch_per_worker} per worker, "
         f"{budget.workers} Ray Train workers (global batch {budget.batch_per_worker * budget.workers}), 1 torch "
         f"thread per worker, seed {budget.seed}.",
         f"- gamma^2 of GMMC estimated on {budget.gamma_samples:,} training images after training.",
@@ -562,7 +614,7 @@ def settings_section(report: dict[str, Any]) -> list[str]:
         f"- PGD L-inf: {budget.pgd_steps} steps (the paper: 40), step 2.5 eps / steps, 1 random start, "
         f"eps {', '.join(str(e) for e in PGD_EPS)} /255, on {budget.pgd_limit} test images.",
         f"- C&W L2: {budget.cw_iterations} untargeted and {budget.cw_targeted_iterations} targeted Adam iterations "
-        f"per binary-search step (the paper: 100 and 1000), {budget.cw_binary_search_steps} binary-search steps "
+        f"per binary-search step (the paper: 100 and 1000), binary-search steps: {budget.cw_binary_search_steps} "
         f"(the paper: 9), lr 5e-3, initial constant 0.01, confidence 0, on the correctly classified images among "
         f"{budget.cw_limit} test images; targets drawn uniformly among the other classes.",
         "",
@@ -612,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check_settings(output, {"budget": asdict(budget), "shards": shards, "data_root": str(data_root), "smoke": args.smoke})
     started = time.perf_counter()
+    started_utc = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     load_start = os.getloadavg()[0]
     records: dict[str, dict[str, Any]] = {name: {} for name in MODELS}
 
@@ -636,6 +689,21 @@ def main(argv: list[str] | None = None) -> int:
             records[name]["evaluation"] = evaluate_model(evaluate_module, name, output / name, calls)
 
     figures = collect_figures(records)
+    invocations_path = output / "invocations.json"
+    invocations = json.loads(invocations_path.read_text()) if invocations_path.exists() else []
+    invocations.append({
+        "started_utc": started_utc,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "load_average_start": round(load_start, 2),
+        "load_average_end": round(os.getloadavg()[0], 2),
+        "trained": [name for name in models if records[name].get("train", {}).get("reused") is False],
+        "evaluated": [name for name in models
+                      if any("wall_seconds" in entry and not entry.get("reused")
+                             for entry in records[name].get("evaluation", {}).values())],
+    })
+    invocations_path.write_text(json.dumps(invocations, indent=2))
+    compute_seconds = sum((row.get("train_wall_seconds") or 0) + (row.get("eval_wall_seconds") or 0)
+                          for row in figures.values())
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]),
         "smoke": args.smoke,
@@ -643,16 +711,15 @@ def main(argv: list[str] | None = None) -> int:
         "models": {name: model_overrides(name, budget, shards, str(output / name)) for name in MODELS},
         "evaluation_arguments": calls,
         "hardware": hardware_description(),
-        "load_average_start": round(load_start, 2),
-        "load_average_end": round(os.getloadavg()[0], 2),
-        "total_wall_seconds": round(time.perf_counter() - started, 1),
+        "invocations": invocations,
+        "compute_seconds": round(compute_seconds, 1),
         "figures": figures,
         "records": records,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2, default=str))
     markdown_path.write_text(render_markdown(report))
-    logger.info("wrote %s and %s in %.0f s", json_path, markdown_path, report["total_wall_seconds"])
+    logger.info("wrote %s and %s; this invocation took %.0f s", json_path, markdown_path, invocations[-1]["wall_seconds"])
     return 1 if any(row["errors"] for name, row in figures.items() if name in models) else 0
 
 

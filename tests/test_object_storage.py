@@ -177,7 +177,7 @@ def test_s3_shared_buffer_snapshots_resume(ray_session, s3_server, s3_shards):
     fs = s3_shards
     output = f"s3://{BUCKET}/shared-run"
     settings = dict(
-        train={"objective": "generative"}, optim={"epochs": 1}, buffer={"kind": "shared", "capacity": 400},
+        train={"objective": "generative"}, optim={"epochs": 1}, buffer={"kind": "shared", "capacity": 400, "num_shards": 2},
     )
     run_training(_config(s3_server, output, **settings))
     history = _read_json(fs, f"{BUCKET}/shared-run/history.json")

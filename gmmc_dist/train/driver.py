@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -103,7 +105,10 @@ def connect_ray(address: str) -> None:
         ray.init()
 
 
-def build_trainer(config: Config, loop_config: dict[str, Any] | None = None) -> TorchTrainer:
+def build_trainer(
+    config: Config, loop_config: dict[str, Any] | None = None, run_name: str = RAY_RUN_NAME,
+    callbacks: list | None = None,
+) -> TorchTrainer:
     """A TorchTrainer around `train_loop_per_worker`, storing checkpoints under `run.output`."""
     filesystem, path = storage.arrow_filesystem(config.run.output, storage_options_for(config, config.run.output))
     resources = {"CPU": config.run.cpus_per_worker}
@@ -116,12 +121,36 @@ def build_trainer(config: Config, loop_config: dict[str, Any] | None = None) -> 
             num_workers=config.run.num_workers, use_gpu=config.run.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=RAY_RUN_NAME,
+            name=run_name,
             storage_path=path,
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
+
+
+@contextlib.contextmanager
+def shared_buffer_actors(config: Config) -> Iterator[dict[str, Any]]:
+    """Create the shared replay buffer's shard actors when the config asks for them.
+
+    Yields the extra `train_loop_config` entries (empty for a local buffer) and deletes the actors
+    afterwards. The actors are created here, not in a worker, so that they outlive worker-group
+    restarts. They reload the latest snapshot under <output>/buffer when a rerun resumes.
+    """
+    if not (config.uses_sampling and config.buffer.kind == "shared"):
+        yield {}
+        return
+    from ..buffer.shared import create_shared_buffer, delete_shared_buffer
+
+    handles = create_shared_buffer(
+        config.buffer, config.model.num_classes, snapshot_root=storage.join(config.run.output, "buffer"),
+        seed=config.train.seed, storage_options=storage_options_for(config, config.run.output),
+    )
+    try:
+        yield {"shared_buffer": handles}
+    finally:
+        delete_shared_buffer(handles)
 
 
 def run_training(config: Config) -> dict[str, Any]:
@@ -133,24 +162,8 @@ def run_training(config: Config) -> dict[str, Any]:
     connect_ray(config.run.ray_address)
     logger.info("training %s on %d worker(s); output %s", config.train.objective, config.run.num_workers,
                 storage.redact(config.run.output))
-    shared_buffer = None
-    if config.uses_sampling and config.buffer.kind == "shared":
-        from ..buffer.shared import create_shared_buffer
-
-        # Created here, not in a worker, so the shards outlive worker-group restarts. They reload the
-        # latest snapshot under <output>/buffer when a rerun resumes.
-        shared_buffer = create_shared_buffer(
-            config.buffer, config.model.num_classes, snapshot_root=storage.join(config.run.output, "buffer"),
-            seed=config.train.seed, storage_options=output_options,
-        )
-    try:
-        trainer = build_trainer(config, {"shared_buffer": shared_buffer} if shared_buffer else None)
-        result = trainer.fit()
-    finally:
-        if shared_buffer is not None:
-            from ..buffer.shared import delete_shared_buffer
-
-            delete_shared_buffer(shared_buffer)
+    with shared_buffer_actors(config) as loop_config:
+        result = build_trainer(config, loop_config).fit()
     if result.error is not None:
         raise result.error
     metrics = json.loads(storage.read_bytes(storage.join(config.run.output, "metrics.json"), output_options))
