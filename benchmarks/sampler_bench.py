@@ -25,7 +25,7 @@ from gmmc_dist.samplers import StagedSampler
 
 
 def full_backward_step(model, x, z, step_size):
-    """The reference code's update: backward() through the whole graph, weights included."""
+    """Update chains as the reference code does: backward() through the whole graph, weights included."""
     x = x.detach().requires_grad_(True)
     energy = 0.5 * (model.features(x) - z).square().sum(dim=1).mean()
     energy.backward()

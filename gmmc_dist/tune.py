@@ -1,6 +1,6 @@
 """Ray Tune sweeps over the generative-training settings (beta, sampler step size, rho).
 
-Each trial is a driver function that builds the trial's config from the base config plus the
+Each trial is a driver function. It builds the trial's config from the base config plus the
 sampled values (dotted keys such as "train.beta", the same keys as `--set`) and runs its own
 TorchTrainer, whose per-epoch reports reach Tune through `TuneReportCallback`. This is the pattern
 Ray 2.60 supports for Tune with Train (`Tuner(TorchTrainer(...))` is rejected there).

@@ -109,7 +109,7 @@ def build_trainer(
     config: Config, loop_config: dict[str, Any] | None = None, run_name: str = RAY_RUN_NAME,
     callbacks: list | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer around `train_loop_per_worker`, storing checkpoints under `run.output`."""
+    """Build a TorchTrainer around `train_loop_per_worker` that stores checkpoints under `run.output`."""
     filesystem, path = storage.arrow_filesystem(config.run.output, storage_options_for(config, config.run.output))
     resources = {"CPU": config.run.cpus_per_worker}
     if config.run.use_gpu:
@@ -132,7 +132,7 @@ def build_trainer(
 
 @contextlib.contextmanager
 def shared_buffer_actors(config: Config) -> Iterator[dict[str, Any]]:
-    """Create the shared replay buffer's shard actors when the config asks for them.
+    """Create the shared replay buffer's shard actors when `buffer.kind` is "shared".
 
     Yields the extra `train_loop_config` entries (empty for a local buffer) and deletes the actors
     afterwards. The actors are created here, not in a worker, so that they outlive worker-group

@@ -38,7 +38,7 @@ _HOST_SUMS = ("images", "sampled_batches", "beta")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Train one worker. `loop_config` holds "config" (a `Config.to_dict()`) and optionally
+    """Train one worker. `loop_config` contains "config" (a `Config.to_dict()`) and optionally
     "shared_buffer" (handles of the shared replay buffer actors, created by the driver)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = Config.from_dict(loop_config["config"])
@@ -238,7 +238,7 @@ class WorkerRun:
         return self._epoch_metrics(torch.cat([device_sums, host]), time.perf_counter() - started)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, beta: float) -> LossTerms:
-        """One optimiser step: draw chains, refine them with the sampler, write them back, update."""
+        """Run one optimiser step: draw chains, refine them with the sampler, write them back, update."""
         cfg = self.config
         samples = sample_labels = None
         if self.sampler is not None and beta > 0:
