@@ -180,3 +180,15 @@ def cifar10_python(cifar10_subset, tmp_path_factory):
         "test": (test_images, test_labels),
     }
     return folder, archive, arrays
+
+
+def copy_cifar_subset(data_root: Path, target: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first `per_class[split]` images of every class into a small ImageFolder tree."""
+    import shutil
+
+    for split, count in per_class.items():
+        for name in CIFAR10_CLASSES:
+            (target / split / name).mkdir(parents=True)
+            for image in sorted((data_root / "cifar10" / split / name).iterdir())[:count]:
+                shutil.copy(image, target / split / name / image.name)
+    return target

@@ -7,26 +7,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import copy_cifar_subset
 from gmmc_dist import checkpoint
 from gmmc_dist.config import build_config
 from gmmc_dist.train.driver import run_training
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def _subset(data_root: Path, target: Path, per_class: dict[str, int]) -> Path:
-    """Copy the first images of every class into a small ImageFolder tree."""
-    for split, count in per_class.items():
-        for name in CLASSES:
-            (target / split / name).mkdir(parents=True)
-            for image in sorted((data_root / "cifar10" / split / name).iterdir())[:count]:
-                shutil.copy(image, target / split / name / image.name)
-    return target
-
 
 @pytest.fixture(scope="module")
 def small_cifar(data_root, tmp_path_factory) -> Path:
-    return _subset(data_root, tmp_path_factory.mktemp("cifar-small"), {"train": 32, "test": 10})
+    return copy_cifar_subset(data_root, tmp_path_factory.mktemp("cifar-small"), {"train": 32, "test": 10})
 
 
 def _config(source: Path, shards: Path, output: Path, **sections):

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import copy_cifar_subset
+
 from gmmc_dist.config import build_config
 from gmmc_dist.tune import run_sweep, to_param_space, trial_config
 
@@ -27,9 +29,7 @@ def test_trial_config_applies_sampled_values(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_two_trials(ray_session, data_root, tmp_path):
-    from tests.test_train_ray import _subset
-
-    source = _subset(data_root, tmp_path / "source", {"train": 16, "test": 5})
+    source = copy_cifar_subset(data_root, tmp_path / "source", {"train": 16, "test": 5})
     config = build_config("tiny", {
         "data": {"source": str(source), "shards_url": str(tmp_path / "shards")},
         "run": {"output": str(tmp_path / "sweep"), "num_workers": 1},
