@@ -209,14 +209,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"output": "runs/gmmc-svhn"},
     },
     # A demo for a 2-core CPU machine: a WRN-10-2 (d = 128) trained on 20,000 images per epoch, two
-    # discriminative epochs, then generative training with 5-step chains and a lower learning rate.
+    # discriminative epochs, then an epoch of generative training with 5-step chains, beta rising
+    # linearly from 0 to 0.5 and a lower learning rate.
     "cifar10-cpu": {
         "model": {"depth": 10, "widen_factor": 2},
         "sampler": {"steps": 5},
         "buffer": {"capacity": 10_000, "reinit_prob": 0.05},
         "data": {"loader_workers": 1, "max_train_samples": 20_000},
         "optim": {"lr": 1e-3, "warmup_iters": 100, "epochs": 3, "decay_epochs": [2]},
-        "train": {"objective": "joint", "joint_switch_epoch": 2, "joint_ramp_epochs": 0.5, "gamma_samples": 10_000},
+        "train": {"objective": "joint", "joint_switch_epoch": 2, "joint_ramp_epochs": 1.0, "gamma_samples": 10_000},
         "run": {"output": "runs/gmmc-cifar10-cpu", "num_workers": 2, "torch_threads": 1},
     },
     # The baselines with their own papers' settings. JEM (Grathwohl et al., ICLR 2020): SGLD with
