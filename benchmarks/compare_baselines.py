@@ -525,7 +525,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Hardware: {hardware['cpu']}, {hardware['logical_cpus']} logical CPUs, no GPU; Python {hardware['python']}, "
         f"PyTorch {hardware['torch']}, Ray {hardware['ray']}. Other jobs shared the CPUs during the run, so the "
-        "wall times below overstate, and the throughputs understate, those of a quiet machine.",
+        "wall times below overstate, and the throughputs understate, those of a quiet machine. The load "
+        "changed during the run (see the load averages of the invocations), so the wall times of different "
+        "models are not comparable with each other.",
         "",
         f"Wall time: {report['compute_seconds']:.0f} s of training and evaluation in all, summed over the models "
         "(the table gives each part). Invocations of the script on this output folder:",
