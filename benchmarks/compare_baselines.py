@@ -511,7 +511,6 @@ def hardware_description() -> dict[str, Any]:
 def render_markdown(report: dict[str, Any]) -> str:
     budget = Budget(**report["budget"])
     figures = report["figures"]
-    hardware = report["hardware"]
     lines = [
         "# Baseline comparison: softmax, GMMC (Dis), GMMC (Gen) and JEM on a small CPU budget",
         "",
@@ -523,22 +522,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         report["command"],
         "```",
         "",
-        f"Hardware: {hardware['cpu']}, {hardware['logical_cpus']} logical CPUs, no GPU; Python {hardware['python']}, "
-        f"PyTorch {hardware['torch']}, Ray {hardware['ray']}. Other jobs shared the CPUs during the run, so the "
-        "wall times below overstate, and the throughputs understate, those of a quiet machine. The load "
-        "changed during the run (see the load averages of the invocations), so the wall times of different "
-        "models are not comparable with each other.",
-        "",
-        f"Wall time: {report['compute_seconds']:.0f} s of training and evaluation in all, summed over the models "
-        "(the table gives each part). Invocations of the script on this output folder:",
-        "",
-        "| started (UTC) | wall time (s) | 1-min load average at start / end | trained | evaluated |",
-        "|---|---|---|---|---|",
-        *[f"| {item['started_utc']} | {item['wall_seconds']:.0f} | {item['load_average_start']} / "
-          f"{item['load_average_end']} | {', '.join(item['trained']) or 'none'} | "
-          f"{', '.join(item['evaluated']) or 'none'} |" for item in report["invocations"]],
-        "",
-        *unrecorded_note(report),
+        *run_section(report),
         "## Caveat",
         "",
         f"Each model trains a WRN-10-2 for {budget.epochs} epoch(s) of {budget.train_samples:,} images "
@@ -577,6 +561,28 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_section(report: dict[str, Any]) -> list[str]:
+    """Describe the hardware, the wall time and every invocation of the script on the output folder."""
+    hardware = report["hardware"]
+    return [
+        f"Hardware: {hardware['cpu']}, {hardware['logical_cpus']} logical CPUs, no GPU; Python {hardware['python']}, "
+        f"PyTorch {hardware['torch']}, Ray {hardware['ray']}. Other jobs shared these CPUs during parts of the "
+        "run (see the load averages of the invocations). Wall times and throughputs therefore depend on when "
+        "each part ran, and they are not comparable across models.",
+        "",
+        f"Wall time: {report['compute_seconds']:.0f} s of training and evaluation in all, summed over the models "
+        "(the table gives each part). Invocations of the script on this output folder:",
+        "",
+        "| started (UTC) | wall time (s) | 1-min load average at start / end | trained | evaluated |",
+        "|---|---|---|---|---|",
+        *[f"| {item['started_utc']} | {item['wall_seconds']:.0f} | {item['load_average_start']} / "
+          f"{item['load_average_end']} | {', '.join(item['trained']) or 'none'} | "
+          f"{', '.join(item['evaluated']) or 'none'} |" for item in report["invocations"]],
+        "",
+        *unrecorded_note(report),
+    ]
+
+
 CHANCE_MARGIN = 0.05
 """Accuracy above 1/10 below which a model counts as near chance in the caveat."""
 
@@ -612,8 +618,8 @@ def missing_wall_time_note(figures: dict[str, dict[str, Any]]) -> list[str]:
     if not missing:
         return []
     return [f"Training wall time not recorded for {', '.join(missing)}: the invocation that trained it was stopped "
-            "after the training finished but before the script wrote the time. The row above it gives the time "
-            "inside the epochs.", ""]
+            "after the training finished but before the script wrote the time. The row \"Training time inside the "
+            "epochs\" still gives its epochs' time.", ""]
 
 
 def settings_section(report: dict[str, Any]) -> list[str]:
@@ -749,8 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     for required in (Path(shards) / "manifest.json", data_root / "cifar10" / "test", data_root / "celeba"):
         if not required.exists():
             raise SystemExit(f"{required} not found: build the shards with jobs/prepare_data.py or pass --shards / --data-root")
-    json_path = Path(args.json) if args.json else (output / "baselines.json" if args.smoke else REPO_ROOT / "benchmarks" / "baselines.json")
-    markdown_path = Path(args.markdown) if args.markdown else (output / "baselines.md" if args.smoke else REPO_ROOT / "benchmarks" / "baselines.md")
+    # A smoke run never overwrites the published comparison in benchmarks/.
+    report_folder = output if args.smoke else REPO_ROOT / "benchmarks"
+    json_path = Path(args.json) if args.json else report_folder / "baselines.json"
+    markdown_path = Path(args.markdown) if args.markdown else report_folder / "baselines.md"
 
     check_settings(output, {"budget": asdict(budget), "shards": shards, "data_root": str(data_root), "smoke": args.smoke})
     started = time.perf_counter()
