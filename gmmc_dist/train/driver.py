@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,6 +133,23 @@ def build_trainer(
 
 
 @contextlib.contextmanager
+def restored_sigint_handler() -> Iterator[None]:
+    """Put back the caller's SIGINT handler after `fit()`.
+
+    Ray Train 2.60 leaves its own handler installed when `fit()` returns, so Ctrl-C would no longer
+    stop a process that trains in-process (a notebook, a benchmark script).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def shared_buffer_actors(config: Config) -> Iterator[dict[str, Any]]:
     """Create the shared replay buffer's shard actors when `buffer.kind` is "shared".
 
@@ -162,7 +181,7 @@ def run_training(config: Config) -> dict[str, Any]:
     connect_ray(config.run.ray_address)
     logger.info("training %s on %d worker(s); output %s", config.train.objective, config.run.num_workers,
                 storage.redact(config.run.output))
-    with shared_buffer_actors(config) as loop_config:
+    with shared_buffer_actors(config) as loop_config, restored_sigint_handler():
         result = build_trainer(config, loop_config).fit()
     if result.error is not None:
         raise result.error

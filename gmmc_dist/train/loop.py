@@ -291,7 +291,7 @@ class WorkerRun:
             "sample_energy": totals["sample_energy"] / max(totals["sampled_batches"], 1),
             "train_accuracy": totals["correct"] / totals["images"],
             "beta": totals["beta"] / batches,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.base_lrs[0] * self._lr_factor(self.step - 1),  # of the epoch's last step
             "images_per_second": totals["images"] / seconds,
             "epoch_seconds": seconds,
         }
