@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,18 @@ def test_killed_shard_reloads_snapshot(ray_session, small_buffer):
 
     shard0 = small_buffer.actors()[0]
     ray.kill(shard0, no_restart=False)
-    restored = ray.get(shard0.contents.remote())  # waits for the restart
+    # ray.kill returns before the actor dies, so a call made at once may still reach the old
+    # process. Poll until the restarted actor answers.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if ray.get(shard0.stats.remote())["restarted"] == 1.0:
+                break
+        except ray.exceptions.RayActorError:
+            pass
+        assert time.monotonic() < deadline, "the killed shard did not restart within 60 s"
+        time.sleep(0.2)
+    restored = ray.get(shard0.contents.remote())
     for name in ("states", "ages", "chain_ids", "versions"):
         np.testing.assert_array_equal(restored[name], snapshot[name][:2], err_msg=name)
     assert ray.get(shard0.stats.remote())["restarted"] == 1.0
