@@ -7,14 +7,14 @@ shard's storage dtype and travel through Ray's object store.
 
 Driver side (the process that calls `TorchTrainer.fit()`):
     handles = create_shared_buffer(config.buffer, num_classes, snapshot_root)
-    ... train_loop_config={"buffer_handles": handles, ...}
+    ... train_loop_config={"shared_buffer": handles, ...}
     delete_shared_buffer(handles)
 Worker side:
     buffer = SharedReplayBuffer(handles, rank, device, seed)   # or build_buffer(...)
 
-Draws. A batch of B chains is split across shards at random: each chain independently picks shard k
+Draws. A batch of B chains is split across shards at random. Each chain independently picks shard k
 with probability (slots of its class in shard k) / (slots of its class in the buffer), or 1 / K for
-unconditional draws, then the shard picks a slot uniformly among those. Every chain is therefore a
+unconditional draws, and the shard then picks a slot uniformly among those. Every chain is therefore a
 uniform draw over the global buffer (or over its class). Each shard then reinitialises a chain with
 probability rho; the worker fills reinitialised chains with fresh U(-1, 1) states in float32.
 
@@ -304,7 +304,7 @@ class BufferShard:
         }
 
     def contents(self) -> dict[str, np.ndarray]:
-        """All of this shard's slots: states (storage dtype), labels, ages, chain_ids, versions."""
+        """Return all of this shard's slots: states (storage dtype), labels, ages, chain_ids, versions."""
         return {
             "states": self.states,
             "labels": self.labels,
@@ -394,7 +394,7 @@ RemoteBufferShard = ray.remote(BufferShard)
 
 @dataclass(frozen=True)
 class SharedBufferHandles:
-    """What workers need to reach the shards: actor names and the buffer layout. Picklable, small,
+    """Actor names and buffer layout that workers need to reach the shards. Small and picklable,
     so it can travel in Ray Train's `train_loop_config`."""
 
     actor_names: tuple[str, ...]
