@@ -30,7 +30,7 @@ DUMMY_S3_ENV = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benc
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="../shared/data", help="folder that holds cifar10/train")
+    parser.add_argument("--data-root", default="../shared/data", help="folder that contains cifar10/train")
     parser.add_argument("--images", type=int, default=8000, help="number of real training images to shard")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--batch-size", type=int, default=100, help="batch size of the loader")

@@ -2,7 +2,7 @@
 
 Each objective maps a data batch and, when it samples, a batch of model samples to a scalar loss
 plus detached per-batch terms for logging. The model passed here is the DDP-wrapped one: data and
-samples go through it in a single forward call, so DDP sees one forward per backward.
+samples go through it in a single forward call, so DDP runs one forward per backward.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def test_fresh_starts_are_uniform_noise():
     buffer = LocalReplayBuffer(capacity=100, num_classes=10, reinit_prob=1.0, seed=0)
     draw = buffer.draw(256)
     assert draw.reinitialised.all()
-    assert draw.states.min() >= -1 and draw.states.max() <= 1
+    assert draw.states.min() >= -1
+    assert draw.states.max() <= 1
     assert abs(draw.states.mean().item()) < 0.01
     assert abs(draw.states.var().item() - 1 / 3) < 0.01  # variance of U(-1, 1)
 

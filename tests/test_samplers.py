@@ -32,7 +32,8 @@ def test_gmmc_samplers_lower_class_energy(name):
         after = model.energy(samples, y)
     assert after.mean() < before.mean()
     assert (after < before).float().mean() >= 0.9
-    assert samples.min() >= -1.0 and samples.max() <= 1.0
+    assert samples.min() >= -1.0
+    assert samples.max() <= 1.0
     assert not samples.requires_grad
 
 

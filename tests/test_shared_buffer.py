@@ -210,7 +210,7 @@ def test_killed_shard_reloads_snapshot(ray_session, small_buffer):
     shard0 = small_buffer.actors()[0]
     ray.kill(shard0, no_restart=False)
     # ray.kill returns before the actor dies, so a call made at once may still reach the old
-    # process. Poll until the restarted actor answers.
+    # process. Poll until the restarted actor responds.
     deadline = time.monotonic() + 60
     while True:
         try:

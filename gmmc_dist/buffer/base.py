@@ -1,7 +1,7 @@
 """Replay buffer of persistent sampling chains: the interface shared by local and shared buffers.
 
 Semantics (Algorithm 1 of the GMMC paper, with this project's choices made explicit):
-- The buffer holds `capacity` chain states in [-1, 1] with one label each, and how often each state
+- The buffer contains `capacity` chain states in [-1, 1] with one label each, and how often each state
   has been refined (its age). It starts as U(-1, 1) noise.
 - `draw(batch_size, labels=None)` picks slots uniformly at random over the whole buffer, or, when
   `labels` is given (class-conditional chains, the reference code's layout), uniformly within the

@@ -99,7 +99,7 @@ class LocalReplayBuffer(ReplayBuffer):
         states = state["states"]
         if tuple(states.shape) != (self.capacity, *self.image_shape):
             raise ValueError(
-                f"buffer snapshot holds states of shape {tuple(states.shape)}, expected "
+                f"buffer snapshot contains states of shape {tuple(states.shape)}, expected "
                 f"{(self.capacity, *self.image_shape)}: resume with the same buffer.capacity and run.num_workers"
             )
         self.states = states.to(self.device, self.states.dtype)

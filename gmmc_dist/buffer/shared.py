@@ -19,7 +19,7 @@ uniform draw over the global buffer (or over its class). Each shard then reiniti
 probability rho; the worker fills reinitialised chains with fresh U(-1, 1) states in float32.
 
 Concurrency. A shard runs one call at a time, and Ray runs the calls of one caller to one actor in
-submission order, so each worker sees its own earlier write-backs. Between workers there is no
+submission order, so each worker reads its own earlier write-backs. Between workers there is no
 locking: two workers that draw the same slot in the same step both refine the same state, and the
 write-back that reaches the shard last wins (last write wins). Both carry the same drawn age, so the
 slot's age becomes drawn age + 1, not + 2. Within one write-back batch a repeated slot keeps its last
@@ -508,7 +508,7 @@ def snapshot_shared_buffer(handles: SharedBufferHandles, step: int, url: str | N
     """Snapshot every shard into `url` (default `<snapshot_root>/step-<step>`) and point
     latest.json at it. Returns the reference {"kind", "url", "step"} that `load_state_dict` takes.
 
-    Each shard writes after the calls it received earlier, so the snapshot holds every write-back
+    Each shard writes after the calls it received earlier, so the snapshot contains every write-back
     that reached a shard before the snapshot request. Workers' write-backs still queued in their
     clients are not included: have every worker call `flush()` first.
     """
@@ -823,7 +823,7 @@ class SharedReplayBuffer(ReplayBuffer):
         if state.get("kind") != "shared" or not state.get("url"):
             found = "a local buffer's states" if "states" in state else f"keys {sorted(state)}"
             raise ValueError(
-                f"buffer state holds {found}, not a shared-buffer snapshot reference: resume with the "
+                f"buffer state contains {found}, not a shared-buffer snapshot reference: resume with the "
                 "buffer.kind the checkpoint was written with"
             )
         self._check_manifest(state["url"])

@@ -15,7 +15,7 @@ DEFAULT_BINS = 20
 def calibration_bin_sums(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = DEFAULT_BINS) -> torch.Tensor:
     """Per-bin sums for ECE from class probabilities [N, C] and labels [N].
 
-    Returns [3, num_bins]: counts, summed confidences and summed correct predictions. Bin b holds
+    Returns [3, num_bins]: counts, summed confidences and summed correct predictions. Bin b contains
     confidences in (b / n, (b + 1) / n]; a confidence of exactly 0 falls in bin 0.
     """
     confidence, prediction = probs.max(dim=1)
